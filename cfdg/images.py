@@ -1,0 +1,117 @@
+"""Conversions between uint8 images and the model range [-1, 1], and labelled PNG grids.
+
+Shapes use one legend in the whole package: N batch, C channels, H height, W width.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """Map uint8 images [N, C, H, W] in {0..255} to float32 in [-1, 1]."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {images.dtype}")
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Quantise float images [N, C, H, W] in [-1, 1] to uint8, clamping values outside the range.
+
+    Real and generated images both pass through this one function before any metric, so that
+    FID of a set against itself is zero.
+    """
+    return ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def to_hwc_numpy(images: torch.Tensor) -> np.ndarray:
+    """Return uint8 [N, H, W, C] numpy images (the ADM `.npz` layout) from uint8 [N, C, H, W]."""
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def from_hwc_numpy(array: np.ndarray) -> torch.Tensor:
+    """Return uint8 [N, C, H, W] tensors from uint8 [N, H, W, C] or grey [N, H, W] numpy images."""
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 images of shape [N, H, W, C], got {array.dtype} {tuple(array.shape)}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def save_grid(
+    images: torch.Tensor,
+    path: str | os.PathLike,
+    nrow: int | None = None,
+    labels: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+    row_titles: Sequence[str] | None = None,
+) -> Path:
+    """Write a PNG grid of images [N, C, H, W] (uint8, or float in [-1, 1]), row-major.
+
+    Args:
+        nrow: Images per row; defaults to ceil(sqrt(N)).
+        labels: Optional class id per image, drawn as a caption when `class_names` is given.
+        title: Optional figure title.
+        row_titles: Optional text left of each row (for example the guidance weight).
+
+    Returns:
+        The path written. The file is written to a temporary name and renamed, so a reader never
+        sees a half-written PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape [N, C, H, W], got {tuple(images.shape)}")
+    pixels = to_hwc_numpy(images if images.dtype == torch.uint8 else to_uint8(images))
+    n = pixels.shape[0]
+    ncol = nrow or max(1, math.ceil(math.sqrt(n)))
+    nrows = max(1, math.ceil(n / ncol))
+    captions = labels is not None and class_names is not None
+    cell = 1.1 if captions else 0.9
+    fig, axes = plt.subplots(
+        nrows, ncol, figsize=(ncol * 0.9 + (0.8 if row_titles else 0), nrows * cell + 0.4),
+        squeeze=False,
+    )
+    for index, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if index >= n:
+            ax.axis("off")
+            continue
+        image = pixels[index]
+        if image.shape[-1] == 1:
+            ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax.imshow(image, interpolation="nearest")
+        if captions:
+            ax.set_title(str(class_names[int(labels[index])]), fontsize=6, pad=2)
+    if row_titles:
+        for row, text in enumerate(row_titles[:nrows]):
+            axes[row, 0].set_ylabel(text, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(pad=0.3)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
