@@ -1,4 +1,4 @@
-"""Process-group helpers for runs under `torchrun` (DDP); every function also works in one process."""
+"""Process-group helpers for `torchrun` (DDP) runs; each function also works in one process."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class DistInfo:
 
 
 def is_torchrun() -> bool:
-    """Return True when the process was started by `torchrun` (its environment variables are set)."""
+    """Return True when `torchrun` started this process (its RANK and WORLD_SIZE are set)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
@@ -38,7 +38,9 @@ def setup(device: str | None = None) -> DistInfo:
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if not is_torchrun():
-        dev = torch.device("cuda" if use_cuda else "cpu") if device is None else torch.device(device)
+        dev = (
+            torch.device("cuda" if use_cuda else "cpu") if device is None else torch.device(device)
+        )
         return DistInfo(rank=0, world_size=1, local_rank=0, device=dev)
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -85,7 +87,7 @@ def all_gather_cat(value: torch.Tensor) -> torch.Tensor:
     padded[: value.shape[0]] = value
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)], dim=0)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)], dim=0)
 
 
 def cleanup() -> None:

@@ -83,7 +83,9 @@ def save_grid(
     captions = labels is not None and class_names is not None
     cell = 1.1 if captions else 0.9
     fig, axes = plt.subplots(
-        nrows, ncol, figsize=(ncol * 0.9 + (0.8 if row_titles else 0), nrows * cell + 0.4),
+        nrows,
+        ncol,
+        figsize=(ncol * 0.9 + (0.8 if row_titles else 0), nrows * cell + 0.4),
         squeeze=False,
     )
     for index, ax in enumerate(axes.flat):

@@ -1,0 +1,5 @@
+"""The exception type for invalid user input; the CLI prints it as one line, without a traceback."""
+
+
+class UserError(ValueError):
+    """Invalid input or a missing file that the user can fix; the message names the value and fix."""
