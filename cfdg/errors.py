@@ -2,4 +2,4 @@
 
 
 class UserError(ValueError):
-    """Invalid input or a missing file that the user can fix; the message names the value and fix."""
+    """Invalid input or a missing file; the message names the value and how to fix it."""
