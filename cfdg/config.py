@@ -78,7 +78,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
 
 
 def read_config_file(path: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
-    """Read a TOML or YAML file of options; a table named `section` takes precedence if present."""
+    """Read a TOML, YAML or JSON file of options; a table named `section` overrides the top level."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -103,9 +103,12 @@ def read_config_file(path: str | os.PathLike, section: str | None = None) -> dic
         raise UserError(
             f"config file {path} must contain a table of options, got {type(data).__name__}"
         )
+    # Top-level keys apply to every command; a table named after the command overrides them,
+    # and other tables belong to other commands.
+    merged = {key: value for key, value in data.items() if not isinstance(value, dict)}
     if section and isinstance(data.get(section), dict):
-        data = data[section]
-    return {key.replace("-", "_"): value for key, value in data.items()}
+        merged.update(data[section])
+    return {key.replace("-", "_"): value for key, value in merged.items()}
 
 
 def build(

@@ -117,3 +117,64 @@ def save_grid(
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def save_npz(
+    path: str | os.PathLike,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    settings: dict | None = None,
+) -> Path:
+    """Write samples in the ADM evaluation layout, atomically, with settings in a JSON beside it.
+
+    `arr_0` holds uint8 images [N, H, W, C] and `arr_1` int64 labels [N]; `settings` (checkpoint,
+    w, steps, v, seed, ...) go to the same path with the suffix `.json`.
+
+    Args:
+        images: uint8 [N, C, H, W], or float in [-1, 1] (quantised with `to_uint8`).
+    """
+    import json
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"sample file must end in .npz, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"arr_0": to_hwc_numpy(images)}
+    if labels is not None:
+        arrays["arr_1"] = labels.to(torch.int64).cpu().numpy()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    os.replace(tmp, path)
+    if settings is not None:
+        meta = path.with_suffix(".json")
+        meta_tmp = meta.with_name(meta.name + ".tmp")
+        meta_tmp.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(meta_tmp, meta)
+    return path
+
+
+def load_npz(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read an ADM-layout sample file: uint8 images [N, C, H, W] and int64 labels [N] or None."""
+    from cfdg.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sample file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data:
+                raise UserError(
+                    f"{path} has no arr_0; expected the ADM layout (arr_0 images, arr_1 labels)"
+                )
+            images = from_hwc_numpy(data["arr_0"])
+            labels = torch.from_numpy(data["arr_1"].astype(np.int64)) if "arr_1" in data else None
+    except (OSError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"cannot read {path} as a .npz sample file: {err}") from None
+    if labels is not None and labels.shape != (images.shape[0],):
+        raise UserError(
+            f"{path}: arr_1 has shape {tuple(labels.shape)}, expected [{images.shape[0]}]"
+        )
+    return images, labels

@@ -192,3 +192,41 @@ def sample(
 
 # Sampler name -> function with the signature of `sample`, for the CLI and tests.
 SAMPLERS = {"ancestral": sample}
+
+
+def sample_in_batches(
+    model,
+    labels: torch.Tensor,
+    w: float,
+    batch_size: int = 256,
+    seed: int | Sequence[int] = 0,
+    progress: bool | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Run `sample` over `labels` in batches of at most `batch_size` images, on the CPU at the end.
+
+    Image i still uses seed + i (or seed[i]), so the result equals one `sample` call on all labels.
+
+    Returns:
+        float32 images [N, C, H, W] on the CPU.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    seeds = _seed_list(seed, labels.shape[0])
+    chunks = []
+    bar = tqdm(
+        total=labels.shape[0],
+        desc=f"w={w:g}",
+        unit="img",
+        leave=False,
+        disable=(None if progress is None else not progress),
+    )
+    for start in range(0, labels.shape[0], batch_size):
+        stop = min(start + batch_size, labels.shape[0])
+        images = sample(
+            model, labels[start:stop], w, seed=seeds[start:stop], progress=False, **kwargs
+        )
+        chunks.append(images.cpu())
+        bar.update(stop - start)
+    bar.close()
+    return torch.cat(chunks)
