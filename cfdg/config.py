@@ -78,7 +78,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
 
 
 def read_config_file(path: str | os.PathLike, section: str | None = None) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON file of options; a table named `section` overrides the top level."""
+    """Read a TOML, YAML or JSON file of options; the table `section` overrides the top level."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
