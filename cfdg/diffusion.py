@@ -72,14 +72,14 @@ def drop_labels(
 
     Args:
         labels: int64 class ids [N].
-        p_uncond: Probability in [0, 1] (the paper uses 0.1).
+        p_uncond: Probability in [0, 1] (Ho & Salimans use 0.1).
         null_label: The "no label" id, `num_classes`.
 
     Returns:
         `(new_labels, dropped)`: int64 [N] labels and the boolean [N] mask of replaced rows.
     """
     if not 0.0 <= p_uncond <= 1.0:
-        raise UserError(f"p_uncond must be in [0, 1], got {p_uncond}; the paper uses 0.1")
+        raise UserError(f"p_uncond must be in [0, 1], got {p_uncond}; Ho & Salimans use 0.1")
     dropped = _rand((labels.shape[0],), generator, labels.device) < p_uncond
     return torch.where(dropped, torch.full_like(labels, null_label), labels), dropped
 

@@ -133,7 +133,7 @@ def sample(
             unconditional samples.
         w: Guidance weight of Eq. 6 (0: conditional, -1: unconditional).
         steps: Grid length T >= 2.
-        v: Variance interpolation in [0, 1] of Eq. 4 (the paper uses 0.3).
+        v: Variance interpolation in [0, 1] of Eq. 4 (Ho & Salimans use 0.3).
         clip: Clip x_hat to [-1, 1] before it enters the mean (and in the returned images).
         seed: An int (image i uses seed + i) or a list of N per-image seeds. Image i depends only on
             its seed, its label and the settings, not on the batch size or its place in the batch.
@@ -150,7 +150,7 @@ def sample(
     check_labels(labels, num_classes)
     w = check_weight(w)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-        raise UserError(f"v must be in [0, 1], got {v!r}; the paper uses 0.3")
+        raise UserError(f"v must be in [0, 1], got {v!r}; Ho & Salimans use 0.3")
     check_range(logsnr_min, logsnr_max)
     grid = sampling_grid(steps, logsnr_min, logsnr_max).tolist()
     seeds = _seed_list(seed, labels.shape[0])

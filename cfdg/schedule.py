@@ -30,12 +30,12 @@ def check_range(logsnr_min: float, logsnr_max: float) -> None:
     if not (math.isfinite(logsnr_min) and math.isfinite(logsnr_max)):
         raise UserError(
             f"logsnr range must be finite, got [{logsnr_min}, {logsnr_max}]; "
-            "the paper uses [-20, 20]"
+            "Ho & Salimans use [-20, 20]"
         )
     if not logsnr_min < logsnr_max:
         raise UserError(
             f"logsnr_min must be below logsnr_max, got {logsnr_min} >= {logsnr_max}; "
-            "the paper uses -20 and 20"
+            "Ho & Salimans use -20 and 20"
         )
 
 
@@ -100,7 +100,7 @@ def sampling_grid(
         A 1-D tensor of length `steps`.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
-        raise UserError(f"steps must be an integer >= 2, got {steps!r}; the paper uses 256")
+        raise UserError(f"steps must be an integer >= 2, got {steps!r}; Ho & Salimans use 256")
     u = torch.linspace(1.0, 0.0, steps, dtype=torch.float64)
     grid = logsnr_from_uniform(u, logsnr_min, logsnr_max)
     grid[0] = logsnr_min
