@@ -108,7 +108,9 @@ def save_grid(
             axes[row, 0].set_ylabel(text, fontsize=7, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.3)
+    # Leave the top strip to the title, so that it does not overlap the first row.
+    top = 1.0 - 0.35 / (nrows * cell + 0.4) if title else 1.0
+    fig.tight_layout(pad=0.3, rect=(0.0, 0.0, 1.0, top))
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

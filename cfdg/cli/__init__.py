@@ -59,6 +59,7 @@ def add_log_file(path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cfdg",
+        allow_abbrev=False,
         description="Classifier-free diffusion guidance: train class-conditional diffusion models, "
         "sample them with guidance weight w, and measure the FID/IS trade-off.",
     )
