@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -153,7 +154,7 @@ def read_state(checkpoint: str | os.PathLike, map_location: str | torch.device =
     path = resolve_checkpoint(checkpoint) / STATE_FILE
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
 
 

@@ -54,8 +54,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "cpu": Preset(
         unet=dict(
-            base_channels=32,
-            channel_mult=(1, 2, 2),
+            base_channels=16,
+            channel_mult=(1, 2, 4),
             num_res_blocks=1,
             attention_ds=(4,),
             head_channels=32,
