@@ -1,7 +1,8 @@
 """Training speed of each preset: images/s (fp32, bf16), full-step overhead, memory, forward cost.
 
-Each (preset, precision) runs in a fresh subprocess, so that its peak resident memory is its own.
-For every one it times, interleaved over several repeats:
+Each (preset, precision) runs in a fresh subprocess, so that its peak resident memory (measured
+after two training steps, before anything else is built) is its own. It times, interleaved over
+several repeats:
 
 - the full training step of `cfdg.train.Trainer` (data batch, label dropout, lambda and noise
   draws, autocast, backward, gradient clipping, AdamW, EMA, loss window and a log record every
@@ -10,7 +11,8 @@ For every one it times, interleaved over several repeats:
   AdamW, nothing else;
 - a no-grad forward pass, in ms per image.
 
-Usage: python bench/bench_train.py [--presets tiny,cpu,adm64] [--repeats 5] [--json FILE]
+Usage: python bench/bench_train.py [--presets tiny,cpu,adm64] [--repeats 5] [--threads N]
+                                  [--json FILE]
 The `adm64` preset runs a few steps at batch 2 on the CPU (its default batch of 2048 is for GPUs).
 """
 
@@ -31,7 +33,7 @@ import time
 SETTINGS = {
     "tiny": {"data": "digits", "batch": 32, "steps": 20, "forward_batch": 256},
     "cpu": {"data": "fashion-mnist", "batch": 128, "steps": 10, "forward_batch": 256},
-    "adm64": {"data": "imagenet-like", "batch": 2, "steps": 2, "forward_batch": 4},
+    "adm64": {"data": "imagenet-like", "batch": 2, "steps": 1, "forward_batch": 4},
 }
 
 
@@ -92,6 +94,12 @@ def worker(preset: str, precision: str, repeats: int) -> dict:
         if trainer.step % config.log_every == 0:
             trainer._log(logger, Bar())
 
+    # Peak memory of training alone, before the bare copy below exists.
+    rss_before = peak_rss_mb()
+    full_step()
+    full_step()
+    rss_train = peak_rss_mb()
+
     # The bare step: same architecture and optimizer, none of the training-loop work.
     bare = type(trainer.model)(
         trainer.model.image_shape, trainer.model.num_classes, **trainer.unet_kwargs
@@ -120,9 +128,7 @@ def worker(preset: str, precision: str, repeats: int) -> dict:
         with torch.no_grad(), autocast:
             trainer.ema(fz, flogsnr, flabels)
 
-    # Warm up each path once, then interleave the repeats so load changes hit all of them.
-    rss_before = peak_rss_mb()
-    full_step()
+    # Warm up the other paths once, then interleave the repeats so load changes hit all of them.
     bare_step()
     forward()
     full, bare_times, forward_times = [], [], []
@@ -142,7 +148,7 @@ def worker(preset: str, precision: str, repeats: int) -> dict:
         "full_over_bare": statistics.median(ratios),
         "forward_ms_per_image": 1e3 * statistics.median(forward_times),
         "forward_batch": forward_batch,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_train_mb": rss_train,
         "rss_before_steps_mb": rss_before,
         "repeats": repeats,
         "steps_per_repeat": steps,
@@ -173,12 +179,17 @@ def main() -> int:
     parser.add_argument("--presets", default="tiny,cpu,adm64")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
         "--worker", nargs=2, metavar=("PRESET", "PRECISION"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         print(json.dumps(worker(*args.worker, args.repeats)))
         return 0
 
@@ -188,6 +199,7 @@ def main() -> int:
             repeats = 1 if preset == "adm64" else args.repeats
             command = [sys.executable, __file__, "--worker", preset, precision]
             command += ["--repeats", str(repeats)]
+            command += ["--threads", str(args.threads)] if args.threads else []
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             results.append(json.loads(out.strip().splitlines()[-1]))
             print(format_row(results[-1]), flush=True)
@@ -205,7 +217,7 @@ def format_row(r: dict) -> str:
         f"full {r['full_images_per_s']:7.1f} img/s, bare {r['bare_images_per_s']:7.1f} img/s, "
         f"full/bare {r['full_over_bare']:.3f}, "
         f"forward {r['forward_ms_per_image']:.3f} ms/img (batch {r['forward_batch']}), "
-        f"peak RSS {r['peak_rss_mb']:.0f} MB (before steps {r['rss_before_steps_mb']:.0f} MB)"
+        f"peak RSS {r['peak_rss_train_mb']:.0f} MB (before steps {r['rss_before_steps_mb']:.0f} MB)"
     )
 
 

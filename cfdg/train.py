@@ -50,17 +50,24 @@ RESUME_FIXED = ("data", "image_size", "preset", "batch_size", "seed", "hflip")
 class TrainConfig:
     data: str = cfg.option(
         "fashion-mnist",
-        "data set: fashion-mnist, digits, a folder of class subfolders, or an .npz file",
+        "data set: fashion-mnist, digits, a folder of class subfolders, a folder of "
+        "downsampled-ImageNet .npz batches, or an .npz file of images and labels",
         metavar="NAME_OR_PATH",
     )
     data_dir: str | None = cfg.option(
-        None, "folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)"
+        None,
+        "folder of the Fashion-MNIST IDX files; none looks in /usr/share/datasets/fashion-mnist",
+        metavar="DIR",
     )
     image_size: int | None = cfg.option(
         None, "resize images to this side length in pixels; none keeps the stored size"
     )
-    preset: str = cfg.option("cpu", "network preset", choices=list(PRESETS))
-    out: str = cfg.option("runs/train", "run directory for logs, samples and checkpoints")
+    preset: str = cfg.option(
+        "cpu", f"network preset: {', '.join(PRESETS)}", choices=list(PRESETS), metavar="NAME"
+    )
+    out: str = cfg.option(
+        "runs/train", "run directory for logs, samples and checkpoints", metavar="DIR"
+    )
     batch_size: int | None = cfg.option(
         None, "images per optimizer step over all ranks; none takes the preset's (cpu: 128)"
     )
@@ -99,6 +106,7 @@ class TrainConfig:
         "auto",
         "fp32 or bf16 autocast; auto picks bf16 on CUDA and on CPUs with AVX-512 BF16, else fp32",
         choices=list(PRECISIONS),
+        metavar="NAME",
     )
     compile: bool = cfg.option(False, "compile the network with torch.compile")
     seed: int = cfg.option(0, "seed of the initial weights, the data order and the noise draws")

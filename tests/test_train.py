@@ -15,6 +15,16 @@ from cfdg.errors import UserError
 from cfdg.train import NonFiniteLossError, TrainConfig, train
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run on one thread: the tiny network's small ops stall on two threads when other jobs share
+    the CPU, and no check here depends on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(out, **overrides):
     values = dict(
         data="digits",

@@ -50,7 +50,7 @@ PRESETS: dict[str, Preset] = {
         ),
         batch_size=32,
         lr=2e-3,
-        description="tests and smoke runs (about 0.1M parameters)",
+        description="tests and smoke runs (0.18M parameters)",
     ),
     "cpu": Preset(
         unet=dict(
@@ -64,7 +64,7 @@ PRESETS: dict[str, Preset] = {
         ),
         batch_size=128,
         lr=2e-3,
-        description="28x28 demo on a 2-core CPU",
+        description="the 28x28 demo on a 2-core CPU (0.66M parameters)",
     ),
     "adm64": Preset(
         unet=dict(

@@ -7,9 +7,9 @@ self-attention at chosen resolutions and in the middle block, and skip connectio
 encoder block to the decoder.
 
 Conditioning: lambda = log-SNR is embedded sinusoidally after scaling by 25, so lambda in [-20, 20]
-spans [-500, 500], the spread that DDPM's integer times [0, 1000] give the same embedding. A learned
-class table of num_classes + 1 rows, the last row being the null label, is added to the time
-embedding.
+spans [-500, 500], as wide a range as the integer times 0..1000 that this embedding was designed
+for in DDPM. A learned class table of num_classes + 1 rows, the last row being the null label, is
+added to the time embedding.
 
 Sizes that are not powers of two work: a level downsamples only while the height and width are
 even (28 -> 14 -> 7, and the 7x7 level stays 7x7 however many levels follow).
@@ -301,7 +301,9 @@ class UNet(nn.Module):
             eps prediction [N, C, H, W], float32.
         """
         emb = self.time_embed(timestep_embedding(logsnr, self.base_channels))
-        emb = emb + self.label_embed(labels)
+        # Every block applies SiLU to the embedding before its own linear layer (as in ADM);
+        # doing it once here is the same.
+        emb = F.silu(emb + self.label_embed(labels))
 
         # Encoder, keeping every output for the decoder.
         h = self.input_conv(z)
