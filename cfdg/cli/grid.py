@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 class GridConfig:
     w: float = cfg.option(1.0, "guidance weight w; 0 is conditional, -1 unconditional")
     classes: str = cfg.option(
-        "all", "class ids or names, one row each, comma-separated; all for every class", metavar="LIST"
+        "all",
+        "class ids or names, one row each, comma-separated; all for every class",
+        metavar="LIST",
     )
     per_class: int = cfg.option(8, "images per row (column j uses seed + j in every row)")
     steps: int = cfg.option(256, "sampling steps T")
