@@ -1,6 +1,6 @@
 """Self-describing training checkpoints, written atomically, loaded without unpickling code.
 
-A run directory holds `checkpoints/step_XXXXXXXX/`, each with:
+A run directory contains `checkpoints/step_XXXXXXXX/`, each with:
 
 - `model.safetensors`: the online weights (safetensors);
 - `ema.safetensors`: the EMA weights, used for sampling by default (safetensors);

@@ -62,7 +62,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         default = (
             field.default if field.default is not dataclasses.MISSING else field.default_factory()
         )
-        help_text = field.metadata.get("help", "")
+        # argparse expands %-formats in help strings, so a literal % must be doubled.
+        help_text = field.metadata.get("help", "").replace("%", "%%")
         shown = "none" if default is None else default
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": field.name}
         if scalar is bool:

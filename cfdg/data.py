@@ -210,7 +210,9 @@ def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     shape = struct.unpack(f">{dims}I", raw[4 : 4 + 4 * dims])
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
     if body.size != int(np.prod(shape)):
-        raise UserError(f"{path}: header says {shape} but holds {body.size} bytes of data")
+        raise UserError(
+            f"{path}: header gives shape {shape} but the file has {body.size} bytes of data"
+        )
     return body.reshape(shape)
 
 
@@ -230,7 +232,8 @@ def _load_fashion_mnist(split: str, data_dir: str | Path | None) -> ImageData:
     labels = _read_idx(label_file, 1)
     if images.shape[0] != labels.shape[0]:
         raise UserError(
-            f"{image_file} holds {images.shape[0]} images but {label_file} {labels.shape[0]} labels"
+            f"{image_file} contains {images.shape[0]} images but {label_file} contains "
+            f"{labels.shape[0]} labels"
         )
     return ImageData(
         images=torch.from_numpy(images.copy()).unsqueeze(1),
@@ -280,7 +283,7 @@ def _load_folder(root: Path, split: str, image_size: int | None) -> ImageData:
     for class_id, class_dir in enumerate(class_dirs):
         images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
-            raise UserError(f"class folder {class_dir} holds no .png, .jpg or .jpeg images")
+            raise UserError(f"class folder {class_dir} contains no .png, .jpg or .jpeg images")
         files.extend((p, class_id) for p in images)
 
     # Decode; grey only when every image is grey, RGB otherwise.

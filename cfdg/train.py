@@ -175,7 +175,7 @@ def resolve_config(config: TrainConfig, device: torch.device) -> TrainConfig:
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds up convolutions here (CUDA with bf16, or AVX-512 BF16 CPUs)."""
+    """Return whether bf16 autocast pays here: on CUDA with bf16, or a CPU with AVX-512 BF16."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
@@ -188,14 +188,14 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
-    """A distinct seed for the draws of each (seed, rank, step), below 2**63."""
+    """Return a distinct seed below 2**63 for the draws of each (seed, rank, step)."""
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % (2**63 - 1)
 
 
 class LossWindow:
     """Sums of the loss over the steps since the last log, overall and per log-SNR quartile.
 
-    Quartiles are those of the training distribution of lambda: bucket 0 holds the noisiest
+    Quartiles are those of the training distribution of lambda: bucket 0 contains the noisiest
     quarter (lambda below its 25th percentile), bucket 3 the cleanest.
     """
 
@@ -239,7 +239,7 @@ class LossWindow:
         return record
 
     def is_finite(self) -> bool:
-        """Whether every rank's sums are finite (a collective call under DDP)."""
+        """Return whether every rank's sums are finite (a collective call under DDP)."""
         finite = torch.isfinite(self.sums).all().to(torch.int32).reshape(1)
         if dist_utils.is_initialized():
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -332,7 +332,7 @@ class Trainer:
             raise UserError(f"--resume: no checkpoint in {self.run_dir}/checkpoints to resume from")
         if has_checkpoint and not self.config.resume:
             raise UserError(
-                f"{self.run_dir} already holds checkpoints: pass --resume to continue that run, "
+                f"{self.run_dir} already contains checkpoints: pass --resume to continue that run, "
                 "or choose another --out"
             )
 
@@ -680,7 +680,7 @@ def _progress_bar(trainer: Trainer, logger: MetricsLogger | None):
 
 
 def train(config: TrainConfig) -> Path:
-    """Train a class-conditional UNet as `config` says; return the run directory.
+    """Train a class-conditional UNet as configured by `config`; return the run directory.
 
     Raises:
         UserError: for invalid options or data, before training starts.

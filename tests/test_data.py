@@ -160,7 +160,7 @@ def test_folder_without_classes_fails(tmp_path):
 def test_folder_empty_class_fails(tmp_path):
     make_folder(tmp_path)
     (tmp_path / "dog").mkdir()
-    with pytest.raises(UserError, match="holds no .png"):
+    with pytest.raises(UserError, match="contains no .png"):
         load_dataset(str(tmp_path))
 
 

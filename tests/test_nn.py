@@ -104,7 +104,7 @@ def test_bf16_autocast_forward():
     assert torch.isfinite(out).all()
 
 
-def test_preset_names_and_unknown():
+def test_presets_and_unknown_name():
     assert {"tiny", "cpu", "adm64"} <= set(PRESETS)
     with pytest.raises(UserError, match="unknown preset 'huge'"):
         build_model("huge", (1, 8, 8), 10)

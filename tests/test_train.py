@@ -114,7 +114,7 @@ def test_ema_warmup_after_one_step(tmp_path):
     run_dir = train(tiny_config(tmp_path / "run", max_steps=1, warmup_steps=0))
     online, ema = weights(run_dir, "model.safetensors"), weights(run_dir, "ema.safetensors")
     # The output conv starts at zero, and after step 1 the decay is min(0.9999, 2 / 11), so the
-    # EMA holds 9/11 of the online value.
+    # EMA is 9/11 of the online value.
     key = "output.2.weight"
     assert online[key].abs().max() > 0
     torch.testing.assert_close(ema[key], online[key] * (9 / 11), rtol=1e-6, atol=1e-9)

@@ -12,7 +12,7 @@ the `cpu` preset attends at 7x7 on 28x28 images and at 2x2 on 8x8 digits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cfdg.errors import UserError
@@ -34,7 +34,6 @@ class Preset:
     batch_size: int
     lr: float
     description: str
-    notes: list[str] = field(default_factory=list)
 
 
 PRESETS: dict[str, Preset] = {
@@ -83,10 +82,6 @@ PRESETS: dict[str, Preset] = {
         description="ADM ImageNet 64x64 (Dhariwal & Nichol 2021): 192 channels, mult 1,2,3,4",
     ),
 }
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
 
 
 def get_preset(name: str) -> Preset:
