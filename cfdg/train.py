@@ -623,10 +623,13 @@ class MetricsLogger:
             "-" if record[f"loss_q{i}"] is None else f"{record[f'loss_q{i}']:.3f}" for i in range(4)
         )
         bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        # Show the step budget only when it, not the time budget, ends the run.
+        step_text = f"{record['step']}"
+        if not config.minutes or record["eta_s"] >= self._steps_eta(elapsed) - 1e-9:
+            step_text += f"/{record['total']}"
         log.info(
-            "step %d/%d loss %.4f (by lambda quartile %s) lr %.2e %.0f img/s elapsed %s eta %s",
-            record["step"],
-            record["total"],
+            "step %s loss %.4f (by lambda quartile %s) lr %.2e %.0f img/s elapsed %s eta %s",
+            step_text,
             record["loss"],
             quartiles,
             record["lr"],
@@ -643,11 +646,15 @@ class MetricsLogger:
                 writer.writeheader()
             writer.writerow(record)
 
-    def _eta(self, elapsed: float, now: float) -> float:
-        config = self.trainer.config
+    def _steps_eta(self, elapsed: float) -> float:
+        """Return the seconds until max_steps at the mean rate of this invocation."""
         done = self.trainer.step - self.first_step
         rate = done / max(elapsed, 1e-9)
-        eta = (config.max_steps - self.trainer.step) / rate if rate > 0 else math.inf
+        return (self.trainer.config.max_steps - self.trainer.step) / rate if rate > 0 else math.inf
+
+    def _eta(self, elapsed: float, now: float) -> float:
+        config = self.trainer.config
+        eta = self._steps_eta(elapsed)
         if config.minutes:
             eta = min(eta, max(0.0, config.minutes * 60 - elapsed))
         return eta
@@ -666,8 +673,9 @@ def _progress_bar(trainer: Trainer, logger: MetricsLogger | None):
     from tqdm import tqdm
 
     show = logger is not None and sys.stderr.isatty() and os.environ.get("CFDG_PROGRESS") != "0"
+    # Under a time budget the step count at the end is unknown, so the bar counts without a total.
     bar = tqdm(
-        total=trainer.config.max_steps,
+        total=None if trainer.config.minutes else trainer.config.max_steps,
         initial=trainer.step,
         unit="step",
         dynamic_ncols=True,

@@ -1,6 +1,7 @@
 """The training loop on the tiny preset and digits: exact resume, logs, budgets, guards, CLI."""
 
 import json
+import logging
 import os
 import signal
 
@@ -162,10 +163,34 @@ def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_minutes_budget_stops_early(tmp_path):
-    run_dir = train(tiny_config(tmp_path / "run", max_steps=100000, minutes=0.02))
+@pytest.fixture
+def step_lines(caplog):
+    """Return a function listing the training log lines ("step ...") logged so far.
+
+    The handler goes on the `cfdg` logger itself, because the CLI stops it from propagating.
+    """
+    logger = logging.getLogger("cfdg")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
+def test_minutes_budget_stops_early(tmp_path, step_lines):
+    run_dir = train(tiny_config(tmp_path / "run", max_steps=100000, minutes=0.02, log_every=1))
     step = read_state(run_dir)["step"]
     assert 1 <= step < 100000
+    # The time budget ends this run, so the log lines leave out the unreachable step total.
+    lines = step_lines()
+    assert lines
+    assert not any("/100000 " in line for line in lines)
+
+
+def test_log_shows_step_total_without_budget(tmp_path, step_lines):
+    train(tiny_config(tmp_path / "run", max_steps=5, log_every=5))
+    assert step_lines()[0].startswith("step 5/5 loss ")
 
 
 @pytest.mark.parametrize(

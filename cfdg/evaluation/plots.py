@@ -46,9 +46,12 @@ def plot_fid_vs_is(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> P
     xs = [row["is_mean"] for row in rows]
     ys = [row["fid"] for row in rows]
     ax.plot(xs, ys, "o-", color="tab:blue", markersize=4)
-    for row, x, y in zip(rows, xs, ys, strict=True):
+    # Labels alternate above and below their points, so that neighbouring w values whose
+    # points nearly coincide (as near the FID minimum) stay readable.
+    for index, (row, x, y) in enumerate(zip(rows, xs, ys, strict=True)):
+        offset = (4, 3) if index % 2 == 0 else (4, -10)
         ax.annotate(
-            f"w={row['w']:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7
+            f"w={row['w']:g}", (x, y), textcoords="offset points", xytext=offset, fontsize=7
         )
     ax.set_xlabel("Inception Score (IS)")
     ax.set_ylabel("FID")
