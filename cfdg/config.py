@@ -83,7 +83,10 @@ def read_config_file(path: str | os.PathLike, section: str | None = None) -> dic
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text: {err}") from None
     if path.suffix == ".toml":
         try:
             data = tomllib.loads(text)
@@ -97,7 +100,10 @@ def read_config_file(path: str | os.PathLike, section: str | None = None) -> dic
         except yaml.YAMLError as err:
             raise UserError(f"invalid YAML in {path}: {err}") from None
     elif path.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"invalid JSON in {path}: {err}") from None
     else:
         raise UserError(f"config file {path} must end in .toml, .yaml, .yml or .json")
     if not isinstance(data, dict):
@@ -135,9 +141,62 @@ def build(
                 f"unknown option(s) {', '.join(unknown)} in {config_path}; "
                 f"allowed: {', '.join(sorted(names))}"
             )
-        merged.update({k: v for k, v in from_file.items() if k in names})
+        hints = _field_types(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in from_file.items():
+            if key in names:
+                merged[key] = _check_file_value(key, value, hints[key], fields[key], config_path)
     merged.update({k: v for k, v in values.items() if k in names})
     return cls(**merged)
+
+
+def _check_file_value(
+    key: str, value: Any, annotation: Any, field: dataclasses.Field, path: str
+) -> Any:
+    """Return a config-file value converted to the field's type, or raise UserError.
+
+    Command-line flags are converted by argparse; values from TOML, YAML or JSON arrive with the
+    file's own types, so `"false"` or `"ten"` must be caught here.
+    """
+    scalar, optional = _base_type(annotation)
+    where = f"option {key!r} in {path}"
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{where} must not be empty; give a {scalar.__name__} or remove it")
+    parse = field.metadata.get("parse")
+    if parse is not None and isinstance(value, str):
+        try:
+            return parse(value)
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise UserError(f"{where}: {err}") from None
+    if parse is not None and isinstance(value, (list, int, float)) and not isinstance(value, bool):
+        return value
+    if scalar is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parse_bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise UserError(f"{where} must be true or false, got {value!r}")
+    if scalar is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{where} must be an integer, got {value!r}")
+    if scalar is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{where} must be a number, got {value!r}")
+    if scalar is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float, list)) and not isinstance(value, bool):
+            # Lists such as `w = [0, 1, 3]` or `classes = [0, 3]` are parsed by the command.
+            return value if isinstance(value, list) else str(value)
+        raise UserError(f"{where} must be a string, got {value!r}")
+    return value
 
 
 def to_dict(config: Any) -> dict[str, Any]:

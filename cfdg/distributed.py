@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cfdg.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,6 +28,29 @@ class DistInfo:
 def is_torchrun() -> bool:
     """Return True when `torchrun` started this process (its RANK and WORLD_SIZE are set)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def check_device(name: str | None) -> None:
+    """Raise UserError unless `name` is auto (or None), cpu, or a CUDA device this machine has."""
+    if name in (None, "", "auto"):
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but CUDA is not available; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(
+                f"device {name!r} does not exist: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "cpu":
+        if device.index not in (None, 0):
+            raise UserError(f"invalid device {name!r}; use cpu without an index")
+    else:
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
 
 
 def setup(device: str | None = None) -> DistInfo:

@@ -68,10 +68,15 @@ def _seed_list(seed: int | Sequence[int], n: int) -> list[int]:
     if isinstance(seed, bool):
         raise UserError(f"seed must be an int or a list of {n} ints, got {seed!r}")
     if isinstance(seed, int):
-        return [seed + i for i in range(n)]
-    seeds = [int(s) for s in seed]
+        seeds = [seed + i for i in range(n)]
+    else:
+        seeds = [int(s) for s in seed]
     if len(seeds) != n:
         raise UserError(f"got {len(seeds)} seeds for {n} labels; pass one seed per image or an int")
+    # torch.Generator.manual_seed takes a signed 64-bit value.
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise UserError(f"seed {bad[0]} is out of range; image seeds must be in [0, 2**63)")
     return seeds
 
 

@@ -23,6 +23,9 @@ from cfdg.errors import UserError
 
 LOGSNR_MIN = -20.0
 LOGSNR_MAX = 20.0
+# Largest |lambda| accepted. sigma^2 = sigmoid(-lambda) underflows float32's normal range near
+# lambda = 87, and the sampler's float64 step coefficients overflow exp() near 709.
+LOGSNR_LIMIT = 50.0
 
 
 def check_range(logsnr_min: float, logsnr_max: float) -> None:
@@ -31,6 +34,11 @@ def check_range(logsnr_min: float, logsnr_max: float) -> None:
         raise UserError(
             f"logsnr range must be finite, got [{logsnr_min}, {logsnr_max}]; "
             "Ho & Salimans use [-20, 20]"
+        )
+    if max(abs(logsnr_min), abs(logsnr_max)) > LOGSNR_LIMIT:
+        raise UserError(
+            f"logsnr range [{logsnr_min}, {logsnr_max}] leaves [-{LOGSNR_LIMIT:g}, "
+            f"{LOGSNR_LIMIT:g}], where float32 noise levels underflow; Ho & Salimans use [-20, 20]"
         )
     if not logsnr_min < logsnr_max:
         raise UserError(

@@ -37,7 +37,7 @@ from cfdg.data import BatchIterator, load_dataset
 from cfdg.errors import UserError
 from cfdg.nn.presets import PRESETS, get_preset
 from cfdg.nn.unet import UNet
-from cfdg.schedule import logsnr_from_uniform
+from cfdg.schedule import check_range, logsnr_from_uniform
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,15 @@ def validate_config(config: TrainConfig) -> None:
         )
     if config.image_size is not None and config.image_size < 1:
         raise UserError(f"--image-size must be at least 1, got {config.image_size}")
+    if not 0 <= config.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {config.seed}")
+    for name in ("grad_clip", "weight_decay"):
+        if not math.isfinite(getattr(config, name)):
+            raise UserError(
+                f"--{name.replace('_', '-')} must be finite, got {getattr(config, name)}"
+            )
+    check_range(config.logsnr_min, config.logsnr_max)
+    dist_utils.check_device(config.device)
 
 
 def resolve_config(config: TrainConfig, device: torch.device) -> TrainConfig:
@@ -319,6 +328,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, self.config)
         self.forward = self._wrap_for_training(self.model)
         self.step = 0
+        self.saved_step: int | None = None
         self.generator = torch.Generator(device=self.device)
         self.window = LossWindow(self.config.logsnr_min, self.config.logsnr_max, self.device)
         if self.config.resume:
@@ -361,6 +371,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])
+        self.saved_step = self.step
         log.info("resumed from %s at step %d", folder, self.step)
 
     # One optimizer step.
@@ -443,10 +454,11 @@ class Trainer:
             else:
                 reason = "max_steps"
 
-        # Close the run with a checkpoint of the last finite state.
+        # Close the run with a checkpoint of the last finite state, unless this step has one.
         if self.window.steps:
             self._log(logger, bar)
-        self.save()
+        if self.saved_step != self.step:
+            self.save()
         if self.is_main:
             message = {
                 "max_steps": f"reached step {self.step}",
@@ -513,6 +525,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint on rank 0, after checking that the losses so far are finite."""
         self._check_finite()
+        self.saved_step = self.step
         if not self.is_main:
             return None
         state = {

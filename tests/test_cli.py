@@ -120,3 +120,53 @@ def test_grid_writes_png(tiny_run, tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size[0] > 100
+
+
+def test_corrupt_data_file_is_one_line(tmp_path):
+    # A truncated .npz: it starts like a zip archive but its directory is missing.
+    whole = tmp_path / "whole.npz"
+    np.savez(whole, images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(whole.read_bytes()[:200])
+    out = tmp_path / "run"
+    result = run_cli("train", "--data", str(garbage), "--preset", "tiny", "--out", str(out))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1
+    assert "BadZipFile" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "bogus"], "invalid device 'bogus'"),
+        (["--device", "cpu:5"], "invalid device 'cpu:5'"),
+        (["--seed", str(2**63)], "--seed must be in"),
+        (["--logsnr-min=-800"], "logsnr range"),
+        (["--grad-clip", "nan"], "--grad-clip must be finite"),
+    ],
+)
+def test_train_rejects_before_work(tmp_path, args, message, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data", "digits", "--preset", "tiny", "--out", str(out), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid-size=-1"], "--grid-size must be 0 or more"),
+        (["--max-samples", "0"], "--max-samples must be at least 1"),
+        (["--minutes", "inf"], "--minutes must be finite"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+    ],
+)
+def test_demo_rejects_before_work(tmp_path, args, message, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--data", "digits", "--out", str(out), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

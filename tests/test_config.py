@@ -111,3 +111,48 @@ def test_parse_classes():
         parse_classes("3", names)
     with pytest.raises(UserError, match="unknown class 'Shoe'"):
         parse_classes("Shoe", names)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('flag = "false"', Example(flag=False)),
+        ('flag = "no"', Example(flag=False)),
+        ("rate = 1", Example(rate=1.0)),
+        ("name = 7", Example(name="7")),
+    ],
+)
+def test_config_file_values_converted(tmp_path, text, expected):
+    file = tmp_path / "run.toml"
+    file.write_text(text + "\n")
+    assert cfg.build(Example, parse([]), str(file)) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('steps = "ten"', "'steps' .* must be an integer, got 'ten'"),
+        ("steps = 2.5", "'steps' .* must be an integer, got 2.5"),
+        ("steps = [1, 2]", "'steps' .* must be an integer"),
+        ("steps = true", "'steps' .* must be an integer, got True"),
+        ('flag = "maybe"', "'flag' .* must be true or false, got 'maybe'"),
+        ('rate = "fast"', "'rate' .* must be a number, got 'fast'"),
+        ("name = true", "'name' .* must be a string"),
+    ],
+)
+def test_config_file_wrong_types_rejected(tmp_path, text, message):
+    file = tmp_path / "run.toml"
+    file.write_text(text + "\n")
+    with pytest.raises(UserError, match=message):
+        cfg.build(Example, parse([]), str(file))
+
+
+def test_config_file_invalid_json_and_encoding(tmp_path):
+    broken = tmp_path / "run.json"
+    broken.write_text("{oops")
+    with pytest.raises(UserError, match="invalid JSON"):
+        cfg.build(Example, parse([]), str(broken))
+    latin = tmp_path / "run.toml"
+    latin.write_bytes(b"name = '\xe9'\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        cfg.build(Example, parse([]), str(latin))

@@ -243,6 +243,8 @@ def test_gaussian_data_moments():
         (dict(v=-0.1), "v must"),
         (dict(w=float("nan")), "guidance weight"),
         (dict(seed=[1, 2, 3]), "seeds"),
+        (dict(seed=2**63 - 1), "seed 9223372036854775808 is out of range"),
+        (dict(seed=[0, -1]), "seed -1 is out of range"),
     ],
 )
 def test_rejects_bad_input(kwargs, match):

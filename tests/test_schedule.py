@@ -145,7 +145,15 @@ def test_sampling_grid_rejects_steps(steps):
 
 
 @pytest.mark.parametrize(
-    "bounds", [(5.0, 5.0), (3.0, -3.0), (float("nan"), 1.0), (-float("inf"), 1.0)]
+    "bounds",
+    [
+        (5.0, 5.0),
+        (3.0, -3.0),
+        (float("nan"), 1.0),
+        (-float("inf"), 1.0),
+        (-800.0, 20.0),
+        (-20.0, 1e300),
+    ],
 )
 def test_range_rejected(bounds):
     with pytest.raises(UserError, match="logsnr"):

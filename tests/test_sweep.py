@@ -168,6 +168,11 @@ def test_sweep_rejects_other_settings(setup, tmp_path):
         ({"w": "1,1"}, "twice"),
         ({"grid_classes": "12"}, "out of range"),
         ({"evaluator": "/nonexistent/ev.safetensors"}, "evaluator not found"),
+        ({"nearest_k": -3}, "--nearest-k must be at least 1"),
+        ({"nearest_k": 0}, "--nearest-k must be at least 1"),
+        ({"is_splits": 0}, "--is-splits must be at least 1"),
+        ({"pr_max_samples": -5}, "--pr-max-samples must be at least 1"),
+        ({"batch_size": 0}, "--batch-size must be at least 1"),
     ],
 )
 def test_sweep_rejects_bad_options(setup, tmp_path, overrides, message):

@@ -267,3 +267,18 @@ def test_config_file_is_read(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["max_steps"] == 3
     assert printed["data"] == "digits"
+
+
+def test_final_checkpoint_written_once(tmp_path, monkeypatch):
+    import cfdg.train as train_module
+
+    saved_steps = []
+    real_save = train_module.save_checkpoint
+
+    def counting_save(run_dir, step, *args, **kwargs):
+        saved_steps.append(step)
+        return real_save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", counting_save)
+    train(tiny_config(tmp_path / "run", max_steps=2, checkpoint_every=1))
+    assert saved_steps == [1, 2]

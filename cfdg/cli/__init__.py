@@ -85,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unreadable_file_errors() -> tuple[type[BaseException], ...]:
+    """Return the exception types that mean a file or folder could not be read or written."""
+    import json
+    import zipfile
+    import zlib
+
+    from PIL import Image
+    from safetensors import SafetensorError
+
+    return (
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        SafetensorError,
+        Image.DecompressionBombError,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -99,6 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"cfdg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except _unreadable_file_errors() as err:
+        # Corrupt, truncated or misplaced files and folders: the message names the file in
+        # most cases, and --debug shows where it was read or written.
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(
+            f"cfdg {args.command}: error: {type(err).__name__}: {message} "
+            "(check the file or folder named; --debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"cfdg {args.command}: interrupted", file=sys.stderr)

@@ -69,10 +69,11 @@ def parse_classes(text: str | list | None, class_names: list[str]) -> list[int]:
 
 def resolve_device(name: str | None) -> torch.device:
     """Return the requested device, or CUDA when available and the CPU otherwise."""
+    from cfdg.distributed import check_device
+
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    check_device(name)
     return torch.device(name)
 
 

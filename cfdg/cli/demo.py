@@ -20,7 +20,9 @@ import torch
 
 from cfdg import config as cfg
 from cfdg.cli.common import add_config_option, parse_floats, resolve_device
+from cfdg.distributed import check_device
 from cfdg.errors import UserError
+from cfdg.nn.presets import get_preset
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +103,15 @@ def validate(config: DemoConfig) -> list[float]:
             config.evaluator_epochs >= 1,
             f"--evaluator-epochs must be at least 1, got {config.evaluator_epochs}",
         ),
+        (math.isfinite(config.minutes), f"--minutes must be finite, got {config.minutes}"),
+        (config.max_samples >= 1, f"--max-samples must be at least 1, got {config.max_samples}"),
+        (config.grid_size >= 0, f"--grid-size must be 0 or more, got {config.grid_size}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    get_preset(config.preset)
+    check_device(config.device)
     return weights
 
 
@@ -165,7 +172,7 @@ def choose_num_samples(
 
 
 def run(args: argparse.Namespace) -> int:
-    from cfdg.checkpoint import load_model
+    from cfdg.checkpoint import latest_checkpoint, load_model
     from cfdg.evaluation.extractor import EvaluatorConfig, train_evaluator
     from cfdg.evaluation.sweep import SweepConfig, run_sweep
     from cfdg.train import TrainConfig, train
@@ -204,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
                 sample_every=0 if config.minutes < 5 else 500,
                 seed=config.seed,
                 device=str(device),
-                resume=model_dir.is_dir() and any(model_dir.iterdir()),
+                # A demo killed before its first checkpoint starts training again.
+                resume=latest_checkpoint(model_dir) is not None,
             )
         )
         state.finish("train", minutes=train_minutes)

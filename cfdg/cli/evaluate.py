@@ -15,7 +15,7 @@ from cfdg.config import option
 from cfdg.errors import UserError
 from cfdg.evaluation.metrics import evaluate_images
 from cfdg.evaluation.reference import reference_stats
-from cfdg.evaluation.sweep import ExtractorOptions, load_extractor
+from cfdg.evaluation.sweep import ExtractorOptions, check_extractor_options, load_extractor
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,22 @@ def evaluate_samples(config: EvaluateConfig, progress: bool | None = None) -> di
     """
     from cfdg.images import load_npz
 
+    check_extractor_options(config)
     images, labels = load_npz(config.samples)
     settings_path = Path(config.samples).with_suffix(".json")
-    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+    settings = None
+    if settings_path.is_file():
+        try:
+            settings = json.loads(settings_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(
+                f"invalid settings file {settings_path}: {err}; fix or remove it and pass "
+                "--reference"
+            ) from None
+        if not isinstance(settings, dict):
+            raise UserError(
+                f"settings file {settings_path} must contain a JSON object; fix or remove it"
+            )
     dataset = dataset_of(settings)
     source = config.reference or dataset
     if source is None:

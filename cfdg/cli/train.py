@@ -57,6 +57,9 @@ def _with_saved_config(config: TrainConfig, given: dict, config_path: str | None
     if folder is None:
         raise UserError(f"--resume: no checkpoint in {config.out}/checkpoints to resume from")
     saved = {k: v for k, v in read_info(folder)["config"].items() if k in _field_names()}
+    # The saved device is the resolved one (for example cuda:0); the resumed run picks its own
+    # unless --device is given, so a GPU run can continue on another machine.
+    saved.pop("device", None)
     explicit = dict(given)
     if config_path:
         explicit.update(

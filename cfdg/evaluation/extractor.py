@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from cfdg.config import option
+from cfdg.distributed import check_device
 from cfdg.errors import UserError
 from cfdg.images import to_model_range
 
@@ -386,6 +387,11 @@ def train_evaluator(config: EvaluatorConfig, progress: bool | None = None) -> Pa
         raise UserError(
             f"invalid epochs {config.epochs} / batch size {config.batch_size}: both must be >= 1"
         )
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {config.lr}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be 0 or more, got {config.weight_decay}")
+    check_device(config.device)
     out = resolve_path(config.out) if config.out else default_evaluator_path(config.data)
     train = load_dataset(config.data, "train", config.data_dir, config.image_size)
     test = load_dataset(config.data, "test", config.data_dir, config.image_size)

@@ -113,6 +113,19 @@ class ExtractorOptions:
     device: str = option("auto", "device: auto, cpu, cuda or cuda:N")
 
 
+def check_extractor_options(options: ExtractorOptions) -> None:
+    """Raise UserError for metric options that would give wrong numbers or fail after sampling."""
+    checks = {
+        "is-splits": options.is_splits,
+        "nearest-k": options.nearest_k,
+        "pr-max-samples": options.pr_max_samples,
+        "batch-size": options.batch_size,
+    }
+    for name, value in checks.items():
+        if value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+
+
 @dataclass
 class SweepConfig(ExtractorOptions):
     """Settings of `cfdg sweep`."""
@@ -180,6 +193,7 @@ def _parse_settings(config: SweepConfig, num_classes: int, class_names: list[str
     """Check the numeric options before any work and return (w values, grid class ids)."""
     from cfdg.cli.common import parse_classes, parse_floats
 
+    check_extractor_options(config)
     weights = parse_floats(config.w, "w")
     if len(set(weights)) != len(weights):
         raise UserError(f"--w lists a value twice: {config.w}")
