@@ -85,7 +85,14 @@ def test_sample_writes_adm_npz(tiny_run, tmp_path):
     settings = json.loads(out.with_suffix(".json").read_text())
     assert settings["w"] == 2.0
     assert settings["steps"] == 4
-    assert len(list((tmp_path / "png").glob("*.png"))) == 5
+    pngs = sorted((tmp_path / "png").glob("*.png"))
+    assert len(pngs) == 5
+    # Each PNG contains the sample's own pixels, equal to its row of arr_0.
+    with np.load(tmp_path / "s.npz") as data:
+        first = data["arr_0"][0]
+    with Image.open(pngs[0]) as image:
+        assert image.size == (first.shape[1], first.shape[0])
+        np.testing.assert_array_equal(np.asarray(image), first[:, :, 0])
 
 
 def test_sample_config_file(tiny_run, tmp_path):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -64,3 +65,23 @@ def test_demo_smoke(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     state = json.loads((out / "demo_state.json").read_text())
     assert set(state) == {"train", "evaluator", "sweep"}
+
+
+@pytest.mark.parametrize("seconds_left", [-250.0, 0.0])
+def test_spent_budget_draws_minimum(seconds_left, caplog):
+    from cfdg.cli.demo import DemoConfig, choose_num_samples
+
+    count = choose_num_samples(DemoConfig(steps=64), [0.0, 1.0], seconds_left, 10, 0.002)
+    assert count == 100
+    assert "run past --minutes" in caplog.text
+    assert re.search(r"-\d", caplog.text) is None, "no negative time or sample counts"
+
+
+def test_num_samples_sized_from_time_left():
+    from cfdg.cli.demo import DemoConfig, choose_num_samples
+
+    # w = 0 costs 1 row and w = 1 costs 2 rows per step: 3 * 64 rows of 1 ms per image, and
+    # 75% of 600 s affords 2343 images, capped at 2000 and rounded down to a multiple of 10.
+    assert choose_num_samples(DemoConfig(steps=64), [0.0, 1.0], 600.0, 10, 0.001) == 2000
+    # At 10 ms per row the same time affords 234 images, rounded down to 230.
+    assert choose_num_samples(DemoConfig(steps=64), [0.0, 1.0], 600.0, 10, 0.01) == 230

@@ -157,13 +157,22 @@ def choose_num_samples(
     """Size the samples per w so that sampling every w fits in `seconds_left`."""
     rows_per_image = sum(1 if w == 0 else 2 for w in weights) * config.steps
     # Keep 25% of the time for features, metrics, grids and plots.
-    affordable = int(0.75 * seconds_left / (rows_per_image * row_seconds))
+    affordable = max(0, int(0.75 * seconds_left / (rows_per_image * row_seconds)))
     minimum = 10 * num_classes
     count = min(config.max_samples, max(minimum, affordable))
     count -= count % num_classes
-    if affordable < minimum:
+    if seconds_left <= 0:
         log.warning(
-            "the time left (%.0f s) affords only %d samples per w; drawing %d anyway",
+            "the time budget was spent %.0f s before the sweep (training and the evaluator took "
+            "longer than planned, for example on a busy machine); drawing the minimum of %d "
+            "samples per w, so the demo will run past --minutes",
+            abs(seconds_left),
+            count,
+        )
+    elif affordable < minimum:
+        log.warning(
+            "the time left (%.0f s) affords only %d samples per w; drawing the minimum of %d, "
+            "so the demo will run past --minutes",
             seconds_left,
             affordable,
             count,
@@ -294,6 +303,7 @@ def print_summary(rows: list[dict], out: Path, data: str, seconds: float) -> Non
         f"table:  {sweep / 'metrics.md'}  (also metrics.csv, metrics.json)",
         f"plots:  {sweep / 'fid_vs_is.png'}, {sweep / 'fid_is_vs_w.png'}",
         f"grids:  {sweep}/grid_w*.png",
-        f"model:  {out / 'model'}  (try: cfdg grid {out / 'model'} --w 3 --out grid.png)",
+        f"model:  {out / 'model'}  "
+        f"(try: cfdg grid {out / 'model'} --w 3 --steps 64 --out grid.png)",
     ]
     print("\n".join(lines))

@@ -6,13 +6,14 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from cfdg import config as cfg
 from cfdg.cli.common import add_config_option, load_checkpoint, parse_classes
 from cfdg.errors import UserError
-from cfdg.images import save_grid, save_npz, to_uint8
+from cfdg.images import save_npz, to_uint8
 from cfdg.samplers import sample_in_batches
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,18 @@ def run(args: argparse.Namespace) -> int:
     save_npz(config.out, images, labels, settings)
     log.info("wrote %d samples to %s in %.1f s", len(labels), config.out, elapsed)
     if config.png:
-        pixels = to_uint8(images)
-        for i in range(pixels.shape[0]):
-            name = f"{i:05d}_{info['class_names'][int(labels[i])]}.png".replace("/", "-")
-            save_grid(pixels[i : i + 1], f"{config.png}/{name}", nrow=1)
-        log.info("wrote %d PNG files to %s", pixels.shape[0], config.png)
+        write_pngs(to_uint8(images), labels, info["class_names"], Path(config.png))
+        log.info("wrote %d PNG files to %s", len(labels), config.png)
     return 0
+
+
+def write_pngs(pixels: torch.Tensor, labels: torch.Tensor, class_names, folder: Path) -> None:
+    """Write each uint8 image [C, H, W] of `pixels` [N, C, H, W] as an H x W PNG of its pixels."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(pixels.shape[0]):
+        name = f"{i:05d}_{class_names[int(labels[i])]}.png".replace("/", "-")
+        array = pixels[i].permute(1, 2, 0).numpy()
+        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        image.save(folder / name)

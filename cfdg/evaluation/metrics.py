@@ -92,7 +92,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     if logits.shape[0] < splits:
         raise UserError(
             f"the Inception Score with {splits} splits needs at least {splits} samples, got "
-            f"{logits.shape[0]}; sample more images"
+            f"{logits.shape[0]}; sample more images or lower --is-splits"
         )
     logits = logits.double()[canonical_order(logits)]
     with warnings.catch_warnings():
