@@ -329,6 +329,8 @@ class Trainer:
         self.forward = self._wrap_for_training(self.model)
         self.step = 0
         self.saved_step: int | None = None
+        # Why `run` ended: "max_steps", "minutes", or the name of the signal that stopped it.
+        self.stop_reason: str | None = None
         self.generator = torch.Generator(device=self.device)
         self.window = LossWindow(self.config.logsnr_min, self.config.logsnr_max, self.device)
         if self.config.resume:
@@ -459,6 +461,7 @@ class Trainer:
             self._log(logger, bar)
         if self.saved_step != self.step:
             self.save()
+        self.stop_reason = reason
         if self.is_main:
             message = {
                 "max_steps": f"reached step {self.step}",

@@ -282,3 +282,27 @@ def test_final_checkpoint_written_once(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "save_checkpoint", counting_save)
     train(tiny_config(tmp_path / "run", max_steps=2, checkpoint_every=1))
     assert saved_steps == [1, 2]
+
+
+def test_cli_signal_exits_130(tmp_path, monkeypatch):
+    real = diffusion.training_losses
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "training_losses", interrupting)
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--preset", "tiny", "--out", str(out)]
+    code = main([*args, "--max-steps", "50", "--sample-every", "0", "--batch-size", "16"])
+    assert code == 130
+    assert latest_checkpoint(out).name == "step_00000002"
+
+
+def test_cli_finished_run_exits_0(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", "digits", "--preset", "tiny", "--out", str(out)]
+    assert main([*args, "--max-steps", "2", "--sample-every", "0", "--batch-size", "16"]) == 0

@@ -12,7 +12,7 @@ from cfdg import config as cfg
 from cfdg.cli.common import add_config_option
 from cfdg.errors import UserError
 from cfdg.nn.presets import PRESETS
-from cfdg.train import TrainConfig, train, validate_config
+from cfdg.train import TrainConfig, Trainer, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from cfdg.cli import add_log_file
 
     add_log_file(f"{config.out}/log.txt")
-    run_dir = train(config)
+    trainer = Trainer(config)
+    run_dir = trainer.run()
     log.info("run directory: %s", run_dir)
-    return 0
+    # A run stopped by a signal saved its checkpoint but did not finish, so a shell chain such
+    # as `cfdg train && cfdg sweep` must not go on: exit 130 as for Ctrl-C.
+    return 0 if trainer.stop_reason in ("max_steps", "minutes") else 130
