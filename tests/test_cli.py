@@ -177,3 +177,12 @@ def test_demo_rejects_before_work(tmp_path, args, message, capsys):
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_grid_row_titles_unconditional():
+    from cfdg.cli.grid import row_titles
+
+    names = ["zero", "one", "two"]
+    assert row_titles(1.0, [2, 0], names) == ["two", "zero"]
+    assert row_titles(0.0, [1], names) == ["one"]
+    assert row_titles(-1.0, [2, 0], names) == ["unconditional", "unconditional"]

@@ -74,8 +74,17 @@ def run(args: argparse.Namespace) -> int:
         images,
         config.out,
         nrow=config.per_class,
-        row_titles=[names[c] for c in classes],
-        title=f"w = {config.w:g}, T = {config.steps}",
+        row_titles=row_titles(config.w, classes, names),
+        title=f"w = {config.w:g}, T = {config.steps}"
+        + (" (unconditional: every row ignores its class)" if config.w == -1 else ""),
     )
     log.info("wrote %s", config.out)
     return 0
+
+
+def row_titles(w: float, classes: list[int], names: list[str]) -> list[str]:
+    """Return the class name of each row, or "unconditional" where w = -1 cancels the label."""
+    # At w = -1, (1 + w) eps(z, c) - w eps(z) is eps(z): the rows share seeds and are identical.
+    if w == -1:
+        return ["unconditional"] * len(classes)
+    return [names[c] for c in classes]
