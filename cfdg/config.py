@@ -142,20 +142,17 @@ def build(
                 f"allowed: {', '.join(sorted(names))}"
             )
         hints = _field_types(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in from_file.items():
             if key in names:
-                merged[key] = _check_file_value(key, value, hints[key], fields[key], config_path)
+                merged[key] = _check_file_value(key, value, hints[key], config_path)
     merged.update({k: v for k, v in values.items() if k in names})
     return cls(**merged)
 
 
-def _check_file_value(
-    key: str, value: Any, annotation: Any, field: dataclasses.Field, path: str
-) -> Any:
+def _check_file_value(key: str, value: Any, annotation: Any, path: str) -> Any:
     """Return a config-file value converted to the field's type, or raise UserError.
 
-    Command-line flags are converted by argparse; values from TOML, YAML or JSON arrive with the
+    Command-line flags are converted by argparse. Values from TOML, YAML or JSON arrive with the
     file's own types, so `"false"` or `"ten"` must be caught here.
     """
     scalar, optional = _base_type(annotation)
@@ -164,14 +161,6 @@ def _check_file_value(
         if optional:
             return None
         raise UserError(f"{where} must not be empty; give a {scalar.__name__} or remove it")
-    parse = field.metadata.get("parse")
-    if parse is not None and isinstance(value, str):
-        try:
-            return parse(value)
-        except (argparse.ArgumentTypeError, ValueError) as err:
-            raise UserError(f"{where}: {err}") from None
-    if parse is not None and isinstance(value, (list, int, float)) and not isinstance(value, bool):
-        return value
     if scalar is bool:
         if isinstance(value, bool):
             return value

@@ -147,17 +147,22 @@ def test_nonfinite_loss_stops_and_keeps_good_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
 
 
-def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
+def send_signal_at_step(monkeypatch, step, signum):
+    """Make the training loss send `signum` to this process when step `step` computes it."""
     real = diffusion.training_losses
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(diffusion, "training_losses", interrupting)
+
+
+def test_sigterm_saves_and_stops(tmp_path, monkeypatch):
+    send_signal_at_step(monkeypatch, 3, signal.SIGTERM)
     run_dir = train(tiny_config(tmp_path / "run", max_steps=50))
     assert latest_checkpoint(run_dir).name == "step_00000003"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -285,16 +290,7 @@ def test_final_checkpoint_written_once(tmp_path, monkeypatch):
 
 
 def test_cli_signal_exits_130(tmp_path, monkeypatch):
-    real = diffusion.training_losses
-    calls = {"n": 0}
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(diffusion, "training_losses", interrupting)
+    send_signal_at_step(monkeypatch, 2, signal.SIGINT)
     out = tmp_path / "run"
     args = ["train", "--data", "digits", "--preset", "tiny", "--out", str(out)]
     code = main([*args, "--max-steps", "50", "--sample-every", "0", "--batch-size", "16"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from cfdg import config as cfg
 from cfdg.cli.common import add_config_option, load_checkpoint, parse_classes
 from cfdg.errors import UserError
-from cfdg.images import save_npz, to_uint8
+from cfdg.images import save_npz, to_hwc_numpy
 from cfdg.samplers import sample_in_batches
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,22 @@ def run(args: argparse.Namespace) -> int:
     save_npz(config.out, images, labels, settings)
     log.info("wrote %d samples to %s in %.1f s", len(labels), config.out, elapsed)
     if config.png:
-        write_pngs(to_uint8(images), labels, info["class_names"], Path(config.png))
+        write_pngs(images, labels, info["class_names"], Path(config.png))
         log.info("wrote %d PNG files to %s", len(labels), config.png)
     return 0
 
 
-def write_pngs(pixels: torch.Tensor, labels: torch.Tensor, class_names, folder: Path) -> None:
-    """Write each uint8 image [C, H, W] of `pixels` [N, C, H, W] as an H x W PNG of its pixels."""
+def write_pngs(images: torch.Tensor, labels: torch.Tensor, class_names, folder: Path) -> None:
+    """Write each image of `images` [N, C, H, W] in [-1, 1] as an H x W PNG of its pixels.
+
+    Each file is written to a temporary name and renamed, so no PNG is left half-written.
+    """
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    for i in range(pixels.shape[0]):
-        name = f"{i:05d}_{class_names[int(labels[i])]}.png".replace("/", "-")
-        array = pixels[i].permute(1, 2, 0).numpy()
+    for i, array in enumerate(to_hwc_numpy(images)):
+        path = folder / f"{i:05d}_{class_names[int(labels[i])]}.png".replace("/", "-")
         image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-        image.save(folder / name)
+        tmp = path.with_name(path.name + ".tmp")
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
