@@ -37,8 +37,9 @@ def check_range(logsnr_min: float, logsnr_max: float) -> None:
         )
     if max(abs(logsnr_min), abs(logsnr_max)) > LOGSNR_LIMIT:
         raise UserError(
-            f"logsnr range [{logsnr_min}, {logsnr_max}] leaves [-{LOGSNR_LIMIT:g}, "
-            f"{LOGSNR_LIMIT:g}], where float32 noise levels underflow; Ho & Salimans use [-20, 20]"
+            f"logsnr range [{logsnr_min}, {logsnr_max}] is outside [-{LOGSNR_LIMIT:g}, "
+            f"{LOGSNR_LIMIT:g}], beyond which float32 noise levels underflow; "
+            "Ho & Salimans use [-20, 20]"
         )
     if not logsnr_min < logsnr_max:
         raise UserError(

@@ -80,7 +80,7 @@ def test_spent_budget_draws_minimum(seconds_left, caplog):
 def test_num_samples_sized_from_time_left():
     from cfdg.cli.demo import DemoConfig, choose_num_samples
 
-    # w = 0 costs 1 row and w = 1 costs 2 rows per step: 3 * 64 rows of 1 ms per image, and
+    # w = 0 costs 1 row and w = 1 costs 2 rows per step, so an image costs 3 * 64 rows of 1 ms.
     # 75% of 600 s affords 2343 images, capped at 2000 and rounded down to a multiple of 10.
     assert choose_num_samples(DemoConfig(steps=64), [0.0, 1.0], 600.0, 10, 0.001) == 2000
     # At 10 ms per row the same time affords 234 images, rounded down to 230.

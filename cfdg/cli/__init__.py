@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cfdg {args.command}: error: {err}", file=sys.stderr)
         return 2
     except _unreadable_file_errors() as err:
-        # Corrupt, truncated or misplaced files and folders: the message names the file in
-        # most cases, and --debug shows where it was read or written.
+        # Corrupt, truncated or misplaced files and folders end here. The message usually names
+        # the file, and --debug shows where it was read or written.
         if debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
 def row_titles(w: float, classes: list[int], names: list[str]) -> list[str]:
     """Return the class name of each row, or "unconditional" where w = -1 cancels the label."""
-    # At w = -1, (1 + w) eps(z, c) - w eps(z) is eps(z): the rows share seeds and are identical.
+    # At w = -1, (1 + w) eps(z, c) - w eps(z) is eps(z), so rows with the same seeds are identical.
     if w == -1:
         return ["unconditional"] * len(classes)
     return [names[c] for c in classes]

@@ -57,7 +57,7 @@ def _with_saved_config(config: TrainConfig, given: dict, config_path: str | None
     if folder is None:
         raise UserError(f"--resume: no checkpoint in {config.out}/checkpoints to resume from")
     saved = {k: v for k, v in read_info(folder)["config"].items() if k in _field_names()}
-    # The saved device is the resolved one (for example cuda:0); the resumed run picks its own
+    # The saved device is the resolved one, for example cuda:0. A resumed run picks its own
     # unless --device is given, so a GPU run can continue on another machine.
     saved.pop("device", None)
     explicit = dict(given)
@@ -81,6 +81,6 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(config)
     run_dir = trainer.run()
     log.info("run directory: %s", run_dir)
-    # A run stopped by a signal saved its checkpoint but did not finish, so a shell chain such
-    # as `cfdg train && cfdg sweep` must not go on: exit 130 as for Ctrl-C.
+    # A run stopped by a signal saved its checkpoint but did not finish. Exit 130, as for Ctrl-C,
+    # so that a shell chain such as `cfdg train && cfdg sweep` stops there.
     return 0 if trainer.stop_reason in ("max_steps", "minutes") else 130
